@@ -38,7 +38,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -344,6 +343,13 @@ def load_policy(args, accelerator):
         tokenizer.pad_token = tokenizer.eos_token
     if tokenizer.chat_template is None:
         raise SSOError(f"model {args.model or path} has no chat template; SSO needs a chat model")
+    if args.load_in_4bit and not on_gpu:
+        # On CPU, bitsandbytes repacks 4-bit weights for speed the first time they
+        # run in eval mode (generation), and the repacked kernel has no backward:
+        # gradients through those layers would silently be wrong. Keep the layout.
+        for module in model.modules():
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
@@ -487,6 +493,10 @@ SEQUENCES = {
     "original": ("x", "original"),          # pi~(y°|x)
 }
 LOSS_KEYS = ("chosen", "rejected", "pos_chosen", "pos_rejected", "neg_original", "neg_chosen")
+# The three preference pairs as (winner, loser) keys, named like TRL's reward metrics.
+PAIRS = {"rewards": ("chosen", "rejected"),                 # L(x, y+, y-)
+         "rewards_pos": ("pos_chosen", "pos_rejected"),     # L(x+, y+, y-)
+         "rewards_neg": ("neg_original", "neg_chosen")}     # L(x-, y°, y+)
 REFERENCE_KEYS = tuple(SEQUENCES)
 
 
@@ -632,10 +642,9 @@ def sso_loss(policy_logps, ref_logps, beta=0.2, alpha=0.66, theta=0.1, use_weigh
         weight = torch.ones_like(base)
     loss = base + theta * weight * (g_pos + g_neg)
     metrics = {"loss": loss, "loss/base": base, "loss/g_pos": g_pos, "loss/g_neg": g_neg, "weight": weight}
-    for prefix, (w, l) in {"rewards": ("chosen", "rejected"), "rewards_pos": ("pos_chosen", "pos_rejected"),
-                           "rewards_neg": ("neg_original", "neg_chosen")}.items():
+    for prefix, (winner, loser) in PAIRS.items():
         # TRL's convention: implicit reward = β · (pi~θ - pi~ref).
-        reward_w, reward_l = beta * (p[w] - r[w]), beta * (p[l] - r[l])
+        reward_w, reward_l = beta * (p[winner] - r[winner]), beta * (p[loser] - r[loser])
         metrics[f"{prefix}/accuracies"] = (reward_w > reward_l).to(loss.dtype)
         metrics[f"{prefix}/margins"] = reward_w - reward_l
     return loss, {name: value.detach() for name, value in metrics.items()}
@@ -711,17 +720,11 @@ def write_atomic(path, text):
     os.replace(temp, path)
 
 
-def prepare_output_dir(args):
-    """Start, resume or replace the run in --output-dir; returns the first iteration to run."""
+def check_output_dir(args):
+    """Refuse a conflicting --output-dir before anything slow happens; changes
+    nothing on disk. Returns the first iteration to run."""
     out, run_file = args.output_dir, args.output_dir / "run.json"
-    if not run_file.exists():
-        out.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_file, json.dumps(run_settings(args), indent=2))
-        return 1
-    if args.overwrite:
-        for old in list(out.glob("iter-*")) + [out / "metrics.jsonl", run_file]:
-            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
-        write_atomic(run_file, json.dumps(run_settings(args), indent=2))
+    if args.overwrite or not (run_file.exists() or any(out.glob("iter-*"))):
         return 1
     if not args.resume:
         raise SSOError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
@@ -730,12 +733,24 @@ def prepare_output_dir(args):
     if changed:
         raise SSOError(f"{out} holds a run with other settings: {', '.join(changed)}; "
                        "use the same settings, another --output-dir, or --overwrite")
-    # A half-written iteration never got renamed from its staging folder: redo it.
+    return len(completed_iterations(out)) + 1
+
+
+def prepare_output_dir(args, start):
+    """Lay out --output-dir once the model has loaded: a new run.json for a fresh
+    or replaced run; for a resumed one, drop half-written iterations (they never
+    got renamed from their staging folder) and recover missing metrics lines."""
+    out = args.output_dir
+    if args.overwrite:
+        for old in list(out.glob("iter-*")) + [out / "metrics.jsonl"]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     for stale in out.glob("iter-*.tmp"):
         shutil.rmtree(stale)
-    done = completed_iterations(out)
-    sync_metrics(out, done)
-    return len(done) + 1
+    if start == 1:
+        out.mkdir(parents=True, exist_ok=True)
+        write_atomic(out / "run.json", json.dumps(run_settings(args), indent=2))
+    else:
+        sync_metrics(out, completed_iterations(out))
 
 
 def completed_iterations(out):
@@ -880,7 +895,8 @@ def main(argv=None):
         print(f"sso.py: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("sso.py: interrupted; completed iterations are kept, continue with --resume", file=sys.stderr)
+        # Start a fresh line: a progress bar may be half drawn.
+        print("\nsso.py: interrupted; completed iterations are kept, continue with --resume", file=sys.stderr)
         return 130
 
 
@@ -893,16 +909,15 @@ def run(args):
                               mixed_precision="bf16" if torch.cuda.is_available() else "no")
     if args.load_in_4bit is None:
         args.load_in_4bit = accelerator.device.type == "cuda"
-    # Every process reads the output folder; only the main one changes it.
-    start = prepare_output_dir(args) if accelerator.is_main_process else None
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        start = len(completed_iterations(args.output_dir)) + 1
+    start = check_output_dir(args)
     torch.manual_seed(args.seed)  # identical LoRA initialization on every process
     tokenizer, model = load_policy(args, accelerator)
+    if accelerator.is_main_process:  # only the main process writes files
+        prepare_output_dir(args, start)
+    accelerator.wait_for_everyone()
     if start > 1:
         load_adapter_weights(model, args.output_dir / f"iter-{start - 1}" / "adapter")
-        accelerator.print(f"resuming after iteration {start - 1}")
+        accelerator.print(f"resuming after iteration {start - 1} of {args.iterations}")
     model = accelerator.prepare(model)
     for t in range(start, args.iterations + 1):
         kept, steps, record = run_iteration(t, model, tokenizer, prompts, principles, args, accelerator)
