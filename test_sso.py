@@ -3,6 +3,7 @@ Llama, the real offline SmolLM2-135M once, and every user-facing error."""
 import importlib.util
 import json
 import math
+import os
 import random
 import re
 import signal
@@ -560,6 +561,8 @@ BAD_INPUT = [
     (lambda d: ["--model", d / "no-such.gguf"], "no such file"),
     (lambda d: ["--model", d], "cannot load model"),
     (lambda d: ["--beta", "0"], "--beta must be > 0"),
+    (lambda d: ["--beta", "high"], "argument --beta: invalid float value: 'high'"),
+    (lambda d: ["--no-such-flag"], "unrecognized arguments: --no-such-flag"),
     (lambda d: ["--alpha", "1.5"], "--alpha must be in [0, 1]"),
     (lambda d: ["--theta", "-0.1"], "--theta must be >= 0"),
     (lambda d: ["--iterations", "0"], "--iterations must be >= 1"),
@@ -694,3 +697,94 @@ def test_write_atomic_replaces_whole_file(tmp_path):
     target = write(tmp_path / "f.json", "old")
     sso.write_atomic(target, "new")
     assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+
+
+# ---- several processes with accelerate ----
+
+# Run by each process: sso.py's own main(), plus a dump of this process's LoRA
+# weights after every iteration, so the test can compare the processes.
+DRIVER = '''
+import sys
+from pathlib import Path
+
+from peft import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+import sso
+
+dump_dir = Path(sys.argv.pop(1))
+run_iteration = sso.run_iteration
+
+
+def run_iteration_and_dump(t, model, *rest):
+    result = run_iteration(t, model, *rest)
+    accelerator = rest[-1]
+    weights = get_peft_model_state_dict(accelerator.unwrap_model(model))
+    save_file(weights, str(dump_dir / f"iter-{t}-rank-{accelerator.process_index}.safetensors"))
+    return result
+
+
+sso.run_iteration = run_iteration_and_dump
+sys.exit(sso.main())
+'''
+
+
+def launch_two_processes(script, script_args, tmp_path):
+    """`accelerate launch` with two processes on the CPU. `--cpu` would start only one
+    process (accelerate needs mpirun for several); `--multi_gpu` starts them with
+    torchrun, and sso.py, seeing no CUDA, joins them in a gloo group."""
+    env = {**os.environ,
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(Path(sso.__file__).parent),
+                                                       os.environ.get("PYTHONPATH")])),
+           "CUDA_VISIBLE_DEVICES": "",            # CPU processes even on a GPU machine
+           "HF_HOME": str(tmp_path / "hf-home"),  # ignore any accelerate default_config.yaml
+           "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", "0",  # a free port: parallel test runs do not collide
+               str(script), *script_args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_two_processes_share_one_run(tiny_model_dir, tmp_path):
+    """accelerate launch with 2 processes: shards sampled apart, one set of outputs,
+    identical LoRA weights on both, metrics over all triples."""
+    out, dump_dir, driver = tmp_path / "run", tmp_path / "weights", tmp_path / "driver.py"
+    dump_dir.mkdir()
+    driver.write_text(DRIVER)
+    result = launch_two_processes(driver, [str(dump_dir), "--model", str(tiny_model_dir), "--iterations", "1",
+                                           "--prompts-per-iteration", "4", "--max-new-tokens", "8",
+                                           "--output-dir", str(out)], tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+
+    # Only the main process writes: one adapter, one metrics line, one summary, one set of bars.
+    adapter = out / "iter-1" / "adapter" / "adapter_model.safetensors"
+    assert list(out.rglob("adapter_model.safetensors")) == [adapter]
+    assert not list(out.glob("*.tmp"))
+    (record,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert result.stdout.count("iteration 1: ") == 1
+    for bar in ("sampling y+, y-, y°", "reference log-probs", "training iteration 1"):
+        assert len(re.findall(rf"{re.escape(bar)}: +0%", result.stderr)) == 1, bar
+
+    # Synchronized gradients: both processes end with the same, trained LoRA weights.
+    rank0, rank1 = (load_file(dump_dir / f"iter-1-rank-{rank}.safetensors") for rank in (0, 1))
+    saved = load_file(adapter)
+    assert rank0.keys() == rank1.keys() == saved.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), f"{name} differs between the processes"
+        assert torch.equal(rank0[name], saved[name]), f"{name} differs from the saved adapter"
+    assert any(rank0[name].abs().sum() > 0 for name in rank0 if "lora_B" in name), "LoRA B is still zero"
+
+    # Each process sampled its own shard, and the output holds both shards.
+    triples = [json.loads(line) for line in (out / "iter-1" / "triples.jsonl").read_text().splitlines()]
+    queries = sso.iteration_queries(sso.load_prompts(None), 1, 4)
+    prompts = {triple["prompt"] for triple in triples}
+    for rank in (0, 1):
+        assert prompts & set(queries[rank::2]), f"no triple from process {rank}'s shard"
+
+    # Metrics cover all processes: every query is counted once, kept or dropped.
+    assert record["triples"] == len(triples)
+    assert record["triples"] + sum(record["dropped"].values()) == len(queries)
+    assert 0 <= record["selection_unparseable"] <= len(queries)
+    steps = [json.loads(line) for line in (out / "iter-1" / "steps.jsonl").read_text().splitlines()]
+    assert sum(step["examples"] for step in steps) == len(triples)
