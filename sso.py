@@ -110,9 +110,9 @@ def parse_args(argv=None):
 
     train = p.add_argument_group("training")
     train.add_argument("--lr", type=float, default=5e-5, help="peak AdamW learning rate (default: %(default)s)")
-    train.add_argument("--batch-size", type=int, default=2,
+    train.add_argument("--batch-size", type=int, default=1,
                        help="triples per micro-batch, 6 sequences each (default: %(default)s)")
-    train.add_argument("--grad-accum", type=int, default=1,
+    train.add_argument("--grad-accum", type=int, default=2,
                        help="micro-batches per optimizer step (default: %(default)s)")
     train.add_argument("--lora-rank", type=int, default=16, help="LoRA r (default: %(default)s)")
     train.add_argument("--lora-alpha", type=int, default=32, help="LoRA scaling alpha (default: %(default)s)")
