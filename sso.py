@@ -336,7 +336,6 @@ def resolve_model(name, accelerator):
 
 def load_policy(args, accelerator):
     """Tokenizer and a PEFT model: frozen base (nf4 if asked) plus trainable LoRA."""
-
     if not accelerator.is_main_process:
         hf_logging.disable_progress_bar()  # one "Loading weights" bar, not one per process
     on_gpu = accelerator.device.type == "cuda"
@@ -354,14 +353,16 @@ def load_policy(args, accelerator):
         kwargs["device_map"] = {"": accelerator.device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=args.trust_remote_code)
+        if tokenizer.chat_template is None:
+            raise SSOError(f"model {args.model or path} has no chat template; SSO needs a chat model")
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except SSOError:
+        raise
     except Exception as err:  # transformers raises many types; the user needs one line
         first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise SSOError(f"cannot load model {args.model or path}: {first_line}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if tokenizer.chat_template is None:
-        raise SSOError(f"model {args.model or path} has no chat template; SSO needs a chat model")
     if args.load_in_4bit and not on_gpu:
         # On CPU, bitsandbytes repacks 4-bit weights for speed the first time they
         # run in eval mode (generation), and the repacked kernel has no backward:
@@ -397,13 +398,12 @@ def selection_question(query, choices, k):
 def parse_features(answer, choices, k):
     """Known feature names in the order the model wrote them, without duplicates,
     at most k. Matching ignores case; anything else in the answer is ignored."""
-    by_lower = {name.lower(): name for name in choices}
-    found = []
-    for word in re.findall(r"[A-Za-z]+", answer):
-        name = by_lower.get(word.lower())
-        if name and name not in found:
-            found.append(name)
-    return found[:k]
+    first_seen = []
+    for name in choices:
+        match = re.search(rf"\b{re.escape(name)}\b", answer, flags=re.IGNORECASE)
+        if match:
+            first_seen.append((match.start(), name))
+    return [name for _, name in sorted(first_seen)][:k]
 
 
 def select_principles(model, tokenizer, queries, principles, args, rng):

@@ -6,6 +6,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -463,12 +464,18 @@ CHOICES = ["Safety", "Logicality", "Accuracy", "Helpfulness"]
     ("Qualities: accuracy and maybe Banana", ["Accuracy"]),
     ("Safety, safety, SAFETY, Logicality", ["Safety", "Logicality"]),
     ("Helpfulness, Accuracy, Safety", ["Helpfulness", "Accuracy"]),
+    ("safetyfirst, Logicality", ["Logicality"]),
     ("I think the answer is 42!", []),
     ("", []),
 ])
 def test_parse_features(answer, expected):
     """Known names in the model's order, case-insensitive, without duplicates, at most k."""
     assert sso.parse_features(answer, CHOICES, k=2) == expected
+
+
+def test_parse_features_with_spaces_in_names():
+    assert sso.parse_features("I pick world knowledge, then Tone.", ["Tone", "World Knowledge"], k=2) == [
+        "World Knowledge", "Tone"]
 
 
 def test_select_principles_fills_and_counts(monkeypatch):
@@ -580,6 +587,15 @@ def test_bad_input_is_one_clear_line(make_argv, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("sso.py: error: ") and message in err and "\n" not in err
     assert not out.exists()
+
+
+def test_model_without_chat_template(tiny_model_dir, tmp_path, capsys):
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_model_dir, plain)
+    (plain / "chat_template.jinja").unlink()
+    assert run_sso("--model", plain, "--output-dir", tmp_path / "run") == 2
+    expected = f"sso.py: error: model {plain} has no chat template; SSO needs a chat model"
+    assert last_line(capsys.readouterr().err) == expected
 
 
 def test_4bit_without_bitsandbytes(monkeypatch, tmp_path, tiny_model_dir, capsys):
