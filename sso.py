@@ -27,6 +27,7 @@ import argparse
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -40,12 +41,10 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator, PartialState
 from accelerate.utils import gather_object
-from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import (AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig,
-                          get_cosine_schedule_with_warmup)
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from transformers.utils import logging as hf_logging
 
 HERE = Path(__file__).resolve().parent
@@ -334,8 +333,14 @@ def resolve_model(name, accelerator):
         return str(convert_gguf(gguf))
 
 
-def load_policy(args, accelerator):
-    """Tokenizer and a PEFT model: frozen base (nf4 if asked) plus trainable LoRA."""
+def load_policy(args, accelerator, adapter_dir=None):
+    """Tokenizer and a PEFT model: frozen base (nf4 if asked) plus trainable LoRA,
+    initialized from `adapter_dir` when resuming."""
+    # peft imports bitsandbytes, which warns on some CPUs that an optional kernel of
+    # its packed inference layout is missing; sso.py never uses that layout (below).
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
+
     if not accelerator.is_main_process:
         hf_logging.disable_progress_bar()  # one "Loading weights" bar, not one per process
     on_gpu = accelerator.device.type == "cuda"
@@ -374,7 +379,10 @@ def load_policy(args, accelerator):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
-    return tokenizer, get_peft_model(model, lora)
+    model = get_peft_model(model, lora)
+    if adapter_dir is not None:
+        set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
+    return tokenizer, model
 
 
 # ---------------------------------------------------------------------------
@@ -674,6 +682,17 @@ def sso_loss(policy_logps, ref_logps, beta=0.2, alpha=0.66, theta=0.1, use_weigh
 # ---------------------------------------------------------------------------
 
 
+def cosine_with_warmup(optimizer, warmup_steps, total_steps):
+    """Learning-rate factor per optimizer step: linear warmup from 0, then a cosine
+    decay to 0 (the formula of transformers' get_cosine_schedule_with_warmup)."""
+    def factor(step):
+        if step < warmup_steps:
+            return step / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def train_iteration(model, optimizer, tokenizer, triples, args, accelerator, iteration):
     """One epoch of AdamW on the LoRA weights with a cosine schedule and 10% warmup.
     Returns the per-example metrics of all processes and the per-step log lines."""
@@ -688,7 +707,7 @@ def train_iteration(model, optimizer, tokenizer, triples, args, accelerator, ite
     # did: new AdamW moments and a new schedule (and nothing to save for --resume).
     optimizer.state.clear()
     total_steps = math.ceil(len(loader) / args.grad_accum)
-    scheduler = get_cosine_schedule_with_warmup(optimizer, int(0.1 * total_steps), total_steps)
+    scheduler = cosine_with_warmup(optimizer, int(0.1 * total_steps), total_steps)
     model.train()
     collected, pending, steps = [], [], []
     for micro_step, batch in enumerate(tqdm(loader, desc=f"training iteration {iteration}",
@@ -816,10 +835,6 @@ def save_iteration(out, iteration, model, triples, steps, record):
     append_metrics(out / "metrics.jsonl", record)
 
 
-def load_adapter_weights(model, adapter_dir):
-    set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
-
-
 # ---------------------------------------------------------------------------
 # 11. The iterative loop
 # ---------------------------------------------------------------------------
@@ -928,13 +943,13 @@ def run(args):
         args.load_in_4bit = accelerator.device.type == "cuda"
     start = check_output_dir(args)
     torch.manual_seed(args.seed)  # identical LoRA initialization on every process
-    tokenizer, model = load_policy(args, accelerator)
+    last_adapter = args.output_dir / f"iter-{start - 1}" / "adapter" if start > 1 else None
+    tokenizer, model = load_policy(args, accelerator, last_adapter)
     accelerator.wait_for_everyone()  # every process has checked --output-dir before it changes
     if accelerator.is_main_process:  # only the main process writes files
         prepare_output_dir(args, start)
     accelerator.wait_for_everyone()
     if start > 1:
-        load_adapter_weights(model, args.output_dir / f"iter-{start - 1}" / "adapter")
         accelerator.print(f"resuming after iteration {start - 1} of {args.iterations}")
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
     model, optimizer = accelerator.prepare(model, optimizer)

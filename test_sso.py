@@ -709,6 +709,24 @@ def test_ctrl_c_keeps_completed_iterations(tiny_model_dir, tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
+def test_cosine_schedule_matches_transformers():
+    """Our written-out schedule gives the learning rates of transformers' own."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    def rates(make_schedule):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        schedule, seen = make_schedule(optimizer), []
+        for _ in range(25):
+            seen.append(schedule.get_last_lr()[0])
+            optimizer.step()
+            schedule.step()
+        return seen
+
+    ours = rates(lambda opt: sso.cosine_with_warmup(opt, 2, 25))
+    assert ours == pytest.approx(rates(lambda opt: get_cosine_schedule_with_warmup(opt, 2, 25)), abs=1e-12)
+    assert ours[:3] == pytest.approx([0.0, 0.05, 0.1]) and ours[-1] < 0.001
+
+
 def test_write_atomic_replaces_whole_file(tmp_path):
     target = write(tmp_path / "f.json", "old")
     sso.write_atomic(target, "new")
