@@ -822,8 +822,8 @@ def append_metrics(path, record):
 
 def save_iteration(out, iteration, model, triples, steps, record):
     """Stage the iteration's files, then rename the folder: iter-{t} exists only
-    when complete. The PEFT adapter loads with PeftModel.from_pretrained, and
-    triples.jsonl (prompt/chosen/rejected) loads with `datasets` and TRL."""
+    when complete. The adapter loads with PeftModel.from_pretrained; triples.jsonl
+    is plain JSON Lines with TRL's prompt/chosen/rejected field names."""
     final, staging = out / f"iter-{iteration}", out / f"iter-{iteration}.tmp"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
@@ -940,7 +940,7 @@ def run(args):
     accelerator = Accelerator(gradient_accumulation_steps=args.grad_accum, cpu=not on_gpu,
                               mixed_precision="bf16" if on_gpu else "no")
     if args.load_in_4bit is None:
-        args.load_in_4bit = accelerator.device.type == "cuda"
+        args.load_in_4bit = on_gpu
     start = check_output_dir(args)
     torch.manual_seed(args.seed)  # identical LoRA initialization on every process
     last_adapter = args.output_dir / f"iter-{start - 1}" / "adapter" if start > 1 else None
