@@ -20,7 +20,7 @@ Run it:
     python sso.py                                    # offline SmolLM2-135M, CPU
     python sso.py --model meta-llama/Llama-3.1-8B-Instruct --load-in-4bit \\
         --prompts prompts.jsonl                      # one GPU
-    accelerate launch --num_processes 4 sso.py ...   # several GPUs
+    accelerate launch --multi_gpu --num_processes 4 sso.py ...   # several GPUs (DDP)
 """
 
 import argparse
@@ -36,11 +36,12 @@ import resource
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import gather_object, parse_flag_from_env
 from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -375,11 +376,16 @@ def load_policy(args, accelerator, adapter_dir=None):
         for module in model.modules():
             if hasattr(module, "support_avx512bf16_for_cpu"):
                 module.support_avx512bf16_for_cpu = False
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if args.gradient_checkpointing:  # non-reentrant: works with frozen inputs and under DDP
+        if hasattr(model, "activation_checkpointing_enable"):  # newer transformers' name; the old one warns
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules="all-linear", task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora)
+    with warnings.catch_warnings():  # peft still reads the old checkpointing name, which warns
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated")
+        model = get_peft_model(model, lora)
     if adapter_dir is not None:
         set_peft_model_state_dict(model, load_file(str(adapter_dir / "adapter_model.safetensors")))
     return tokenizer, model
@@ -931,7 +937,23 @@ def main(argv=None):
         return 130
 
 
+# What `accelerate launch` (or its config file) asks for with weight sharding.
+SHARDED_LAUNCHES = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed",
+                    "ACCELERATE_USE_MEGATRON_LM": "Megatron-LM"}
+
+
+def check_launch():
+    """sso.py is data-parallel only. With sharded weights every forward pass is a
+    collective step, so all processes would have to generate and score in lockstep;
+    here each process samples its own shard, of its own length."""
+    for variable, name in SHARDED_LAUNCHES.items():
+        if parse_flag_from_env(variable):
+            raise SSOError(f"{name} is not supported; launch with --multi_gpu (DDP, one model copy "
+                           "per GPU) as in the README's 'Several GPUs'")
+
+
 def run(args):
+    check_launch()
     principles = load_principles(args.principles, args.features)
     prompts = load_prompts(args.prompts)
     on_gpu = torch.cuda.is_available()

@@ -456,6 +456,48 @@ def test_4bit_gradients_survive_generation(tiny_model_dir):
     assert all(torch.allclose(before[n], after[n], atol=1e-6) for n in before)
 
 
+def test_gradient_checkpointing_keeps_the_gradients(tiny_model_dir):
+    """Recomputing activations in backward gives the same LoRA gradients, LoRA
+    dropout included (the recompute replays the same random numbers)."""
+    input_ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
+    response_mask = torch.zeros_like(input_ids)
+    response_mask[:, 6:] = 1
+
+    def lora_grads(*flags):
+        args = sso.parse_args(["--model", str(tiny_model_dir), "--lora-dropout", "0.3", *flags])
+        torch.manual_seed(0)
+        _, model = sso.load_policy(args, Accelerator())
+        for name, param in model.named_parameters():
+            if "lora_B" in name:  # nonzero B so that every LoRA matrix gets a gradient
+                torch.nn.init.normal_(param, std=0.1)
+        model.train()
+        torch.manual_seed(1)
+        sso.sequence_logps(model, input_ids, torch.ones_like(input_ids), response_mask).sum().backward()
+        wrapped = any(type(m).__name__ == "CheckpointWrapper" or getattr(m, "gradient_checkpointing", False)
+                      for m in model.modules())
+        assert wrapped == bool(flags), "checkpointing should be on exactly when asked"
+        return {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+
+    plain, checkpointed = lora_grads(), lora_grads("--gradient-checkpointing")
+    assert plain.keys() == checkpointed.keys() and all(plain[n].abs().sum() > 0 for n in plain)
+    assert all(torch.allclose(plain[n], checkpointed[n], atol=1e-6) for n in plain)
+
+
+def test_benchmark_script_runs_on_a_small_shape():
+    """benchmarks/train_step.py (the GPU measurement) still runs: sso.py's step on a
+    small random Llama, 4-bit with checkpointing, printing its numbers as JSON."""
+    result = subprocess.run([sys.executable, str(HERE / "benchmarks" / "train_step.py"), "--layers", "1",
+                             "--hidden-size", "128", "--intermediate-size", "256", "--vocab-size", "512",
+                             "--seq-len", "32", "--steps", "1"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    numbers = json.loads(result.stdout)
+    assert numbers["sequences_per_step"] == 6 and numbers["load_in_4bit"] and numbers["gradient_checkpointing"]
+    assert numbers["seconds_per_step"] > 0 and math.isfinite(numbers["loss"])
+    # LoRA r=16 on one layer's q, k, v, o (128 -> 128 with one head of 128) and
+    # gate, up, down (128 <-> 256): r * (in + out) each, the LM head left out.
+    assert numbers["lora_parameters"] == 16 * (4 * (128 + 128) + 3 * (128 + 256))
+
+
 CHOICES = ["Safety", "Logicality", "Accuracy", "Helpfulness"]
 
 
@@ -606,6 +648,22 @@ def test_4bit_without_bitsandbytes(monkeypatch, tmp_path, tiny_model_dir, capsys
     assert "--load-in-4bit needs bitsandbytes" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("variable, name", [("ACCELERATE_USE_FSDP", "FSDP"),
+                                             ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed"),
+                                             ("ACCELERATE_USE_MEGATRON_LM", "Megatron-LM")])
+def test_sharded_launch_is_refused(variable, name, monkeypatch, tmp_path, capsys):
+    """`accelerate launch --use_fsdp` (or a config file asking for it) sets these
+    variables; sso.py stops before loading anything instead of hanging later."""
+    monkeypatch.setenv(variable, "true")
+    out = tmp_path / "run"
+    assert run_sso("--output-dir", out) == 2
+    assert capsys.readouterr().err == (f"sso.py: error: {name} is not supported; launch with --multi_gpu "
+                                       "(DDP, one model copy per GPU) as in the README's 'Several GPUs'\n")
+    assert not out.exists()
+    monkeypatch.setenv(variable, "false")
+    sso.check_launch()  # only "true" (or 1, yes) asks for sharding
+
+
 def test_existing_run_is_never_clobbered(tiny_model_dir, tmp_path, capsys):
     """A second run into the same folder is refused without --resume or --overwrite, and
     --resume refuses changed settings; the first run's files stay byte for byte."""
@@ -738,6 +796,7 @@ def test_write_atomic_replaces_whole_file(tmp_path):
 # Run by each process: sso.py's own main(), plus a dump of this process's LoRA
 # weights after every iteration, so the test can compare the processes.
 DRIVER = '''
+import json
 import sys
 from pathlib import Path
 
@@ -753,8 +812,16 @@ run_iteration = sso.run_iteration
 def run_iteration_and_dump(t, model, *rest):
     result = run_iteration(t, model, *rest)
     accelerator = rest[-1]
-    weights = get_peft_model_state_dict(accelerator.unwrap_model(model))
-    save_file(weights, str(dump_dir / f"iter-{t}-rank-{accelerator.process_index}.safetensors"))
+    peft_model = accelerator.unwrap_model(model)
+    name = dump_dir / f"iter-{t}-rank-{accelerator.process_index}"
+    save_file(get_peft_model_state_dict(peft_model), f"{name}.safetensors")
+    layers = {type(module).__name__ for module in peft_model.modules()}
+    base = peft_model.get_base_model()
+    checkpointing = getattr(base, "is_activation_checkpointing", None)  # the newer name, else the older
+    if checkpointing is None:
+        checkpointing = base.is_gradient_checkpointing
+    Path(f"{name}.json").write_text(json.dumps({"linear4bit": "Linear4bit" in layers,
+                                                "checkpointing": checkpointing}))
     return result
 
 
@@ -780,15 +847,17 @@ def launch_two_processes(script, script_args, tmp_path):
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_two_processes_share_one_run(tiny_model_dir, tmp_path):
-    """accelerate launch with 2 processes: shards sampled apart, one set of outputs,
-    identical LoRA weights on both, metrics over all triples."""
+@pytest.mark.parametrize("extra", [[], ["--load-in-4bit", "--gradient-checkpointing"]], ids=["fp32", "4bit-ckpt"])
+def test_two_processes_share_one_run(tiny_model_dir, tmp_path, extra):
+    """accelerate launch with 2 processes, in float32 and in 4-bit with gradient
+    checkpointing: shards sampled apart, one set of outputs, identical LoRA
+    weights on both, metrics over all triples."""
     out, dump_dir, driver = tmp_path / "run", tmp_path / "weights", tmp_path / "driver.py"
     dump_dir.mkdir()
     driver.write_text(DRIVER)
     result = launch_two_processes(driver, [str(dump_dir), "--model", str(tiny_model_dir), "--iterations", "1",
                                            "--prompts-per-iteration", "4", "--max-new-tokens", "8",
-                                           "--output-dir", str(out)], tmp_path)
+                                           "--output-dir", str(out), *extra], tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
 
     # Only the main process writes: one adapter, one metrics line, one summary, one set of bars.
@@ -799,6 +868,11 @@ def test_two_processes_share_one_run(tiny_model_dir, tmp_path):
     assert result.stdout.count("iteration 1: ") == 1
     for bar in ("sampling y+, y-, y°", "reference log-probs", "training iteration 1"):
         assert len(re.findall(rf"{re.escape(bar)}: +0%", result.stderr)) == 1, bar
+
+    # Each process trained its own 4-bit copy with checkpointing when asked.
+    for rank in (0, 1):
+        layout = json.loads((dump_dir / f"iter-1-rank-{rank}.json").read_text())
+        assert layout == {"linear4bit": bool(extra), "checkpointing": bool(extra)}
 
     # Synchronized gradients: both processes end with the same, trained LoRA weights.
     rank0, rank1 = (load_file(dump_dir / f"iter-1-rank-{rank}.safetensors") for rank in (0, 1))
