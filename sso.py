@@ -874,7 +874,9 @@ def run_iteration(t, model, optimizer, tokenizer, prompts, principles, args, acc
     """One SSO iteration (SSO-SPEC §6); returns the kept triples, step log and record."""
     unwrapped = accelerator.unwrap_model(model)
     seconds = {}
-    # Sampling differs per process (each has its own queries); training agrees.
+    # Each process samples its own queries with its own seed, so shards draw
+    # independent randomness; train_iteration reseeds alike everywhere, so the
+    # shuffle and LoRA dropout agree and the replicas stay identical.
     sampling_seed = args.seed * 1000 + t * 100 + accelerator.process_index
     torch.manual_seed(sampling_seed)
     rng = random.Random(sampling_seed)
